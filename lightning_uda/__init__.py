@@ -1,0 +1,19 @@
+"""Unsupervised domain adaptation algorithms as PyTorch Lightning modules."""
+
+from lightning_uda.backbones import MLP, DomainDiscriminator, LeNet, ResNet
+from lightning_uda.base import DomainAdaptationModule
+from lightning_uda.dann import DANN
+from lightning_uda.grl import GradientReversal, gradient_reversal
+from lightning_uda.source_only import SourceOnly
+
+__all__ = [
+    "DANN",
+    "MLP",
+    "DomainAdaptationModule",
+    "DomainDiscriminator",
+    "GradientReversal",
+    "LeNet",
+    "ResNet",
+    "SourceOnly",
+    "gradient_reversal",
+]

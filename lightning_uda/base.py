@@ -1,0 +1,243 @@
+"""The base LightningModule that owns what every domain adaptation algorithm shares."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_uda.backbones import feature_dimension
+from lightning_uda.schedules import annealed_lr_factor, check_progress
+
+EVAL_DOMAINS = ("source", "target")
+
+
+class DomainAdaptationModule(LightningModule):
+    """Base class of all algorithms: classifier, evaluation, optimizers and learning-rate annealing.
+
+    A subclass implements :meth:`adaptation_step` (its losses and its optimizer steps,
+    with ``manual_backward``) and :meth:`optimizer_parameter_groups` (one parameter list
+    per optimizer). Everything else lives here:
+
+    - ``forward(x)`` returns class logits ``classifier(feature_extractor(x))``.
+    - Validation and test on the source and target loaders (dataloader index 0 and 1),
+      logged as ``val/source_acc``, ``val/target_acc``, ``val/source_loss``,
+      ``test/source_acc`` and ``test/target_acc``.
+    - One SGD optimizer per parameter group, each annealed every batch by
+      ``lr_p = lr / (1 + lr_alpha * p) ** lr_beta``, where ``p`` is the training progress
+      derived from the Trainer (:attr:`training_progress`), so a resumed run continues
+      the schedule where it stopped.
+
+    The training batch is ``{"source": (x_s, y_s), "target": x_t}``: target labels never
+    reach training.
+
+    Args:
+        feature_extractor: network mapping inputs to features; must expose ``out_features``
+            unless ``classifier`` is given.
+        classifier: head mapping features to ``num_classes`` logits; a linear layer by default.
+        num_classes: number of classes (linked from the datamodule by ``train.py``).
+        lr: initial learning rate ``lr_0``.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        nesterov: use Nesterov momentum.
+        lr_alpha: ``alpha`` of the annealing (0 keeps the learning rate constant).
+        lr_beta: ``beta`` of the annealing.
+        feature_extractor_lr_mult: learning-rate multiplier of the feature extractor, e.g.
+            0.1 when fine-tuning a pretrained ResNet.
+    """
+
+    def __init__(
+        self,
+        feature_extractor: nn.Module,
+        classifier: nn.Module | None = None,
+        num_classes: int = 10,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        lr_alpha: float = 10.0,
+        lr_beta: float = 0.75,
+        feature_extractor_lr_mult: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.save_hyperparameters(ignore=["feature_extractor", "classifier", "domain_discriminator"])
+        self.automatic_optimization = False
+
+        self.feature_extractor = feature_extractor
+        if classifier is None:
+            classifier = nn.Linear(feature_dimension(feature_extractor), num_classes)
+        self.classifier = classifier
+        self.num_classes = num_classes
+
+        self.val_acc = nn.ModuleDict({d: MulticlassAccuracy(num_classes, average="micro") for d in EVAL_DOMAINS})
+        self.test_acc = nn.ModuleDict({d: MulticlassAccuracy(num_classes, average="micro") for d in EVAL_DOMAINS})
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.classifier(self.feature_extractor(inputs))
+
+    def classify(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(features, logits)`` of ``inputs``."""
+        features = self.feature_extractor(inputs)
+        logits = self.classifier(features)
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"classifier output has shape {tuple(logits.shape)}, expected (B, {self.num_classes}); "
+                "the classifier's output size must equal num_classes"
+            )
+        return features, logits
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        source_inputs, source_labels, target_inputs = self.unpack_train_batch(batch)
+        self.adaptation_step(source_inputs, source_labels, target_inputs)
+        self.log("train/lr", self.optimizers_list()[-1].param_groups[0]["lr"], prog_bar=False)
+
+    def adaptation_step(self, source_inputs: Tensor, source_labels: Tensor, target_inputs: Tensor) -> None:
+        """Compute the algorithm's losses and step its optimizers for one batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement adaptation_step")
+
+    @staticmethod
+    def unpack_train_batch(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """Split ``{"source": (x_s, y_s), "target": x_t}`` into its three tensors, checking the layout."""
+        if not isinstance(batch, dict) or set(batch) != {"source", "target"}:
+            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(
+                f"training batch must be a dict with keys 'source' and 'target', got {keys}; "
+                "use a DomainAdaptationDataModule or a CombinedLoader of those two loaders"
+            )
+        source_inputs, source_labels = batch["source"]
+        target_inputs = batch["target"]
+        if isinstance(target_inputs, (list, tuple)):
+            raise ValueError("target batch must be inputs only; wrap the target dataset in UnlabeledDataset")
+        return source_inputs, source_labels, target_inputs
+
+    def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of class logits, computed in float32 for stability under mixed precision."""
+        return F.cross_entropy(logits.float(), labels)
+
+    def optimizers_list(self) -> list:
+        """Return the optimizers as a list, whether there is one or several."""
+        optimizers = self.optimizers()
+        return list(optimizers) if isinstance(optimizers, Sequence) else [optimizers]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, Sequence) else [schedulers]
+        for scheduler in schedulers:
+            scheduler.step()
+
+    # ----------------------------------------------------------------- progress
+    @property
+    def total_training_batches(self) -> int:
+        """Number of training batches the Trainer will run in this fit, from its limits.
+
+        ``estimated_stepping_batches`` counts optimizer steps, but under manual optimization
+        the Trainer's ``max_steps`` counts every ``optimizer.step()`` call, so with ``k``
+        optimizers per batch training stops after ``max_steps / k`` batches.
+        """
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if trainer.max_steps != -1:
+            steps_per_batch = max(len(self.optimizer_parameter_groups()), 1)
+            by_steps = math.ceil(trainer.max_steps / steps_per_batch)
+            by_epochs = trainer.num_training_batches * trainer.max_epochs if trainer.max_epochs != -1 else math.inf
+            total = min(by_steps, by_epochs)
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"cannot derive the training length (got {total} batches); set max_steps or max_epochs on the Trainer"
+            )
+        return int(total)
+
+    @property
+    def training_progress(self) -> float:
+        """Progress ``p`` in [0, 1] of the current batch: batches done before it over the total.
+
+        The count is the Trainer's own (``fit_loop.epoch_loop.total_batch_idx``), which is
+        saved in and restored from checkpoints.
+        """
+        if self._trainer is None:
+            return 0.0
+        done = self.trainer.fit_loop.epoch_loop.total_batch_idx
+        return check_progress(done / self.total_training_batches)
+
+    def _lr_factor_for_next_batch(self, _scheduler_step: int) -> float:
+        # LambdaLR calls this once at construction (before any batch, progress 0) and then
+        # after each batch, when the learning rate for the next batch is wanted.
+        if self._trainer is None:
+            return 1.0
+        done = self.trainer.fit_loop.epoch_loop.total_batch_idx + 1
+        progress = done / self.total_training_batches
+        return annealed_lr_factor(progress, self.hparams.lr_alpha, self.hparams.lr_beta)
+
+    # ----------------------------------------------------------------- optimizers
+    def optimizer_parameter_groups(self) -> list[list[dict]]:
+        """Return, for each optimizer, its parameter groups (``{"params": ..., "lr_mult": ...}``)."""
+        return [self.classifier_parameter_groups()]
+
+    def classifier_parameter_groups(self) -> list[dict]:
+        """Parameter groups of the feature extractor and classifier, with their learning-rate multipliers."""
+        return [
+            {"params": list(self.feature_extractor.parameters()), "lr_mult": self.hparams.feature_extractor_lr_mult},
+            {"params": list(self.classifier.parameters()), "lr_mult": 1.0},
+        ]
+
+    def configure_optimizers(self):
+        optimizers, schedulers = [], []
+        for groups in self.optimizer_parameter_groups():
+            param_groups = [
+                {"params": group["params"], "lr": self.hparams.lr * group.get("lr_mult", 1.0)}
+                for group in groups
+                if len(group["params"]) > 0
+            ]
+            optimizer = torch.optim.SGD(
+                param_groups,
+                lr=self.hparams.lr,
+                momentum=self.hparams.momentum,
+                weight_decay=self.hparams.weight_decay,
+                nesterov=self.hparams.nesterov,
+            )
+            optimizers.append(optimizer)
+            schedulers.append({"scheduler": LambdaLR(optimizer, self._lr_factor_for_next_batch), "interval": "step"})
+        return optimizers, schedulers
+
+    def step_optimizer(self, optimizer, loss: Tensor) -> None:
+        """Zero the gradients of ``optimizer``, back-propagate ``loss`` and step, as manual optimization wants."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+
+    # ----------------------------------------------------------------- evaluation
+    def _eval_step(self, stage: str, metrics: nn.ModuleDict, batch, dataloader_idx: int) -> None:
+        if dataloader_idx >= len(EVAL_DOMAINS):
+            raise ValueError(
+                f"{stage} dataloader_idx {dataloader_idx} is out of range: expected the loaders "
+                f"[source, target] in this order"
+            )
+        domain = EVAL_DOMAINS[dataloader_idx]
+        inputs, labels = batch
+        logits = self(inputs)
+        metrics[domain](logits, labels)
+        self.log(f"{stage}/{domain}_acc", metrics[domain], on_epoch=True, add_dataloader_idx=False)
+        if domain == "source":
+            loss = self.task_loss(logits, labels)
+            self.log(f"{stage}/source_loss", loss, on_epoch=True, add_dataloader_idx=False)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", self.val_acc, batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", self.test_acc, batch, dataloader_idx)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(inputs).argmax(dim=1)
+
