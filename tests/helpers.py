@@ -6,6 +6,8 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules.base import DomainAdaptationDataModule
+
 
 class TinyFeatures(nn.Module):
     """Linear feature extractor over 8-dimensional inputs, exposing ``out_features``."""
@@ -43,3 +45,47 @@ def cpu_trainer(**kwargs) -> Trainer:
     )
     options.update(kwargs)
     return Trainer(**options)
+
+
+class GaussianBlobsDataModule(DomainAdaptationDataModule):
+    """Gaussian class blobs in 8-d, the target shifted by ``shift``; a small, fast two-domain task.
+
+    Args:
+        num_classes: number of blobs (classes).
+        samples_per_domain: training samples per domain; validation and test sets have half as many.
+        shift: offset added to every target input.
+        seed: seed of the generated data.
+        **kwargs: the arguments of ``DomainAdaptationDataModule``.
+    """
+
+    def __init__(
+        self, num_classes: int = 3, samples_per_domain: int = 96, shift: float = 0.5, seed: int = 0, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self._num_classes = num_classes
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def _make_split(self, generator, size: int, shift: float) -> TensorDataset:
+        centers = torch.eye(self._num_classes, 8, dtype=torch.float32) * 3
+        labels = torch.arange(size) % self._num_classes
+        inputs = centers[labels] + torch.randn(size, 8, generator=generator) + shift
+        return TensorDataset(inputs, labels)
+
+    def _build_datasets(self) -> None:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        size, shift = self.hparams.samples_per_domain, self.hparams.shift
+        self.source_train = self._make_split(generator, size, 0.0)
+        self.target_train = self._make_split(generator, size, shift)
+        self.source_val = self._make_split(generator, size // 2, 0.0)
+        self.target_val = self._make_split(generator, size // 2, shift)
+        self.source_test = self._make_split(generator, size // 2, 0.0)
+        self.target_test = self._make_split(generator, size // 2, shift)
+
+    def _domain_num_classes(self) -> dict[str, int]:
+        return {
+            "source": int(self.source_train.tensors[1].max()) + 1,
+            "target": int(self.target_train.tensors[1].max()) + 1,
+        }
