@@ -10,3 +10,9 @@ __all__ = [
     "DomainAdaptationDataModule",
     "UnlabeledDataset",
 ]
+
+from datamodules.amazon import AmazonReviewsDataModule  # noqa: E402
+from datamodules.image_folders import ImageFolderDataModule  # noqa: E402
+from datamodules.mnist_m import MNISTMDataModule  # noqa: E402
+
+__all__ += ["AmazonReviewsDataModule", "ImageFolderDataModule", "MNISTMDataModule"]
