@@ -4,6 +4,7 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+import scipy.io
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchvision import datasets
@@ -97,18 +98,24 @@ def load_usps(root: Path, split: str, download: bool) -> tuple[torch.Tensor, tor
 def load_svhn(root: Path, split: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Load an SVHN split as uint8 RGB images (N, 3, 32, 32) and int64 labels (N,) 0-9.
 
-    Reads torchvision's `<split>_32x32.mat` files from `root/svhn/` or `root/`.
+    Reads torchvision's `<split>_32x32.mat` files from `root/svhn/` or `root/` with SciPy, so a
+    copy re-saved elsewhere is accepted; torchvision's `SVHN` class, which also checks the
+    MD5 of the official files, is used only to download.
     """
-    # NOTE: no SVHN copy is available offline, so the tests do not run this reader.
     name = f"{split}_32x32.mat"
     candidates = [root / "svhn" / name, root / name]
     path = _find_file(candidates)
-    if path is None and not download:
-        raise _missing_files_error("SVHN", split, candidates)
+    if path is None:
+        if not download:
+            raise _missing_files_error("SVHN", split, candidates)
+        datasets.SVHN(root / "svhn", split=split, download=True)
+        path = root / "svhn" / name
 
-    folder = root if path is None else path.parent
-    dataset = datasets.SVHN(folder, split=split, download=download)
-    return torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels).long()
+    contents = scipy.io.loadmat(path)
+    images = torch.from_numpy(contents["X"]).permute(3, 2, 0, 1).contiguous()  # (32, 32, 3, N) -> (N, 3, 32, 32)
+    # SVHN labels digit 0 as 10.
+    labels = torch.from_numpy(contents["y"].astype("int64")).reshape(-1) % 10
+    return images, labels
 
 
 LOADERS = {"mnist": load_mnist, "usps": load_usps, "svhn": load_svhn}

@@ -61,7 +61,8 @@ def to_digit_format(images: torch.Tensor, channels: int) -> torch.Tensor:
     if images.ndim == 3:
         images = images.unsqueeze(1)
     if images.shape[1] == 3 and channels == 1:
-        images = F.rgb_to_grayscale(images)
+        # Converted in float and rounded: on uint8 the truncation would lower every level by one.
+        images = F.rgb_to_grayscale(images.float()).round().to(torch.uint8)
     if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
         images = F.resize(images, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
     if images.shape[1] == 1 and channels == 3:
