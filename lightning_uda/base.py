@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_uda.backbones import feature_dimension
 from lightning_uda.schedules import annealed_lr_factor, check_progress
+from lightning_uda.validators import build_validators
 
 EVAL_DOMAINS = ("source", "target")
 STAGE_NAMES = {"val": "validation", "test": "test"}
@@ -62,6 +63,9 @@ class DomainAdaptationModule(LightningModule):
         lr_beta: ``beta`` of the annealing.
         feature_extractor_lr_mult: learning-rate multiplier of the feature extractor, e.g.
             0.1 when fine-tuning a pretrained ResNet.
+        validators: names of unsupervised validators (``"target_entropy"``, ``"im"``, ``"snd"``,
+            ``"dev"``) computed on the validation loaders and logged as ``val/<name>``; see
+            :mod:`lightning_uda.validators`.
     """
 
     def __init__(
@@ -76,13 +80,14 @@ class DomainAdaptationModule(LightningModule):
         lr_alpha: float = 10.0,
         lr_beta: float = 0.75,
         feature_extractor_lr_mult: float = 1.0,
+        validators: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
-        self.save_hyperparameters(ignore=["feature_extractor", "classifier", "domain_discriminator"])
+        self.save_hyperparameters(ignore=["feature_extractor", "classifier", "domain_discriminator", "generator"])
         self.automatic_optimization = False
 
         self.feature_extractor = feature_extractor
@@ -96,6 +101,7 @@ class DomainAdaptationModule(LightningModule):
 
         self.val_acc = nn.ModuleDict({d: MulticlassAccuracy(num_classes, average="micro") for d in EVAL_DOMAINS})
         self.test_acc = nn.ModuleDict({d: MulticlassAccuracy(num_classes, average="micro") for d in EVAL_DOMAINS})
+        self.validators = build_validators(validators, num_classes)
 
     # ----------------------------------------------------------------- forward
     def forward(self, inputs: Tensor) -> Tensor:
@@ -319,13 +325,22 @@ class DomainAdaptationModule(LightningModule):
         domain = EVAL_DOMAINS[dataloader_idx]
         inputs, labels = batch
         check_finite(inputs, f"{domain} {STAGE_NAMES[stage]} batch")
-        logits = self(inputs)
+        features, logits = self.classify(inputs)
         metrics[domain](logits, labels)
         self.log(f"{stage}/{domain}_acc", metrics[domain], on_epoch=True, add_dataloader_idx=False)
         if domain == "source":
             loss = self.task_loss(logits, labels)
             # sync_dist averages over processes, so under DDP the logged loss covers the whole set.
             self.log(f"{stage}/source_loss", loss, on_epoch=True, add_dataloader_idx=False, sync_dist=True)
+        if stage == "val":
+            # Target labels stay out of the validators, which must work without them.
+            for validator in self.validators.values():
+                validator.update(domain, features, logits, labels if domain == "source" else None)
+
+    def on_validation_epoch_end(self) -> None:
+        # Lightning calls compute(), which gathers the states under DDP, then logs the score and resets.
+        for name, validator in self.validators.items():
+            self.log(f"val/{name}", validator)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", self.val_acc, batch, dataloader_idx)

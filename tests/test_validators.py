@@ -11,7 +11,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from threadpoolctl import threadpool_limits
 
 from lightning_uda import DANN
-from lightning_uda.base import EVAL_DOMAINS
 from lightning_uda.validators import (
     DeepEmbeddedValidation,
     InformationMaximization,
@@ -245,26 +244,6 @@ def test_build_validators_names_and_errors():
 
 
 # ----------------------------------------------------------------------------- in a Trainer
-class ValidatedDANN(DANN):
-    """DANN with validators wired in as proposed for DomainAdaptationModule (one extra forward here)."""
-
-    def __init__(self, *args, validators=(), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.validators = build_validators(validators, self.num_classes)
-
-    def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        super().validation_step(batch, batch_idx, dataloader_idx)
-        inputs, labels = batch
-        domain = EVAL_DOMAINS[dataloader_idx]
-        features, logits = self.classify(inputs)
-        for validator in self.validators.values():
-            validator.update(domain, features, logits, labels if domain == "source" else None)
-
-    def on_validation_epoch_end(self):
-        for name, validator in self.validators.items():
-            self.log(f"val/{name}", validator)
-
-
 class EpochScoreRecorder(Callback):
     def __init__(self, key):
         self.key = key
@@ -278,7 +257,7 @@ class EpochScoreRecorder(Callback):
 def test_validators_logged_and_monitored(tmp_path):
     torch.manual_seed(0)
     validators = ["target_entropy", "im", "snd", "dev"]
-    model = ValidatedDANN(feature_extractor=TinyFeatures(), num_classes=2, validators=validators)
+    model = DANN(feature_extractor=TinyFeatures(), num_classes=2, validators=validators)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/snd", mode=monitor_mode("val/snd"))
     recorder = EpochScoreRecorder("val/snd")
     trainer = cpu_trainer(max_epochs=3, enable_checkpointing=True, callbacks=[checkpoint, recorder])
