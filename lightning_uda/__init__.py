@@ -4,6 +4,7 @@ from lightning_uda.backbones import MLP, DomainDiscriminator, LeNet, ResNet
 from lightning_uda.base import DomainAdaptationModule
 from lightning_uda.dann import DANN
 from lightning_uda.grl import GradientReversal, gradient_reversal
+from lightning_uda.importance_weighting import ImportanceWeighting
 from lightning_uda.source_only import SourceOnly
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "DomainAdaptationModule",
     "DomainDiscriminator",
     "GradientReversal",
+    "ImportanceWeighting",
     "LeNet",
     "ResNet",
     "SourceOnly",
