@@ -12,7 +12,7 @@ from lightning_uda import LeNet
 from lightning_uda.generators import ImageDiscriminator, PixelGenerator
 from lightning_uda.pixelda import PixelDA, content_similarity_loss
 from lightning_uda.schedules import annealed_lr_factor
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, single_thread  # noqa: F401 (autouse fixture)
 from train import DomainAdaptationCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -31,15 +31,6 @@ LOGGED_KEYS = [
     "train/loss_content",
     "train/domain_acc",
 ]
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run on one intra-op thread: for these tiny networks the thread pool costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def image_loader(num_source: int = 32, num_target: int = 24, batch_size: int = 8, seed: int = 0):
