@@ -239,8 +239,9 @@ class PixelDA(DomainAdaptationModule):
         batch_idx = self.trainer.fit_loop.epoch_loop.total_batch_idx
         if batch_idx % interval != 0:
             return
+        # Stepped by batch like the logged scalars, not by global_step, which counts three optimizer steps a batch.
         self.logger.experiment.add_image(
-            "train/source_and_generated", self.image_grid(source_inputs, generated), global_step=self.global_step
+            "train/source_and_generated", self.image_grid(source_inputs, generated), global_step=batch_idx
         )
 
     def image_grid(self, source_inputs: Tensor, generated: Tensor) -> Tensor:
