@@ -41,8 +41,8 @@ class LeNet(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1:] != (self.in_channels, 28, 28):
             raise ValueError(
-                f"LeNet expects images of shape (B, {self.in_channels}, 28, 28), got {tuple(images.shape)}; "
-                "set in_channels or resize the images in the datamodule"
+                f"LeNet expects images of shape (B, {self.in_channels}, 28, 28), got {tuple(images.shape)}. "
+                "Set in_channels or resize the images in the datamodule"
             )
         return self.dense(self.conv(images))
 
@@ -144,7 +144,7 @@ def feature_dimension(feature_extractor: nn.Module) -> int:
     out_features = getattr(feature_extractor, "out_features", None)
     if not isinstance(out_features, int):
         raise AttributeError(
-            f"{type(feature_extractor).__name__} has no integer attribute 'out_features'; set it to the "
+            f"{type(feature_extractor).__name__} has no integer attribute 'out_features'. Set it to the "
             "feature dimension, or pass the classifier (and domain_discriminator) explicitly"
         )
     return out_features

@@ -113,8 +113,8 @@ class DomainAdaptationModule(LightningModule):
         logits = self.classifier(features)
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
-                f"classifier output has shape {tuple(logits.shape)}, expected (B, {self.num_classes}); "
-                "the classifier's output size must equal num_classes"
+                f"classifier output has shape {tuple(logits.shape)}, expected (B, {self.num_classes}). "
+                "The classifier's output size must equal num_classes"
             )
         return features, logits
 
@@ -138,13 +138,13 @@ class DomainAdaptationModule(LightningModule):
         if not isinstance(batch, dict) or set(batch) != {"source", "target"}:
             keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise ValueError(
-                f"training batch must be a dict with keys 'source' and 'target', got {keys}; "
-                "use a DomainAdaptationDataModule or a CombinedLoader of those two loaders"
+                f"training batch must be a dict with keys 'source' and 'target', got {keys}. "
+                "Use a DomainAdaptationDataModule or a CombinedLoader of those two loaders"
             )
         source_inputs, source_labels = batch["source"]
         target_inputs = batch["target"]
         if isinstance(target_inputs, (list, tuple)):
-            raise ValueError("target batch must be inputs only; wrap the target dataset in UnlabeledDataset")
+            raise ValueError("target batch must be inputs only: wrap the target dataset in UnlabeledDataset")
         return source_inputs, source_labels, target_inputs
 
     def task_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -183,7 +183,7 @@ class DomainAdaptationModule(LightningModule):
             total = min(by_steps, by_epochs)
         if not math.isfinite(total) or total < 1:
             raise ValueError(
-                f"cannot derive the training length (got {total} batches); set max_steps or max_epochs on the Trainer"
+                f"cannot derive the training length (got {total} batches). Set max_steps or max_epochs on the Trainer"
             )
         return int(total)
 

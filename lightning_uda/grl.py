@@ -25,7 +25,7 @@ def gradient_reversal(inputs: Tensor, coeff: float = 1.0) -> Tensor:
         coeff: non-negative scale of the reversed gradient; 0 blocks the gradient entirely.
     """
     if coeff < 0:
-        raise ValueError(f"coeff must be >= 0, got {coeff}; a negative coefficient would undo the reversal")
+        raise ValueError(f"coeff must be >= 0, got {coeff}, because a negative coefficient would undo the reversal")
     return _GradientReversalFunction.apply(inputs, float(coeff))
 
 
