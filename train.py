@@ -23,15 +23,22 @@ class DomainAdaptationCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def main() -> None:
-    DomainAdaptationCLI(
+def build_cli(args: list[str] | None = None, run: bool = True) -> DomainAdaptationCLI:
+    """Build the CLI of ``train.py``; ``args=None`` reads ``sys.argv`` and ``run=False`` only instantiates."""
+    return DomainAdaptationCLI(
         DomainAdaptationModule,
         DomainAdaptationDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
     )
+
+
+def main() -> None:
+    build_cli()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 
 from datamodules.base import DomainAdaptationDataModule
-from lightning_uda.base import DomainAdaptationModule
+import train
 from train import DomainAdaptationCLI
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -90,16 +90,7 @@ def build_cli(arguments: list[str]) -> DomainAdaptationCLI:
     with warnings.catch_warnings():
         # LightningCLI warns when sys.argv has arguments besides `args`, and here they are the runner's own.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return DomainAdaptationCLI(
-            DomainAdaptationModule,
-            DomainAdaptationDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            args=arguments,
-            run=False,
-        )
+        return train.build_cli(arguments, run=False)
 
 
 class TargetLabelsAsSource(DomainAdaptationDataModule):
