@@ -108,7 +108,7 @@ def build_jobs(suite: Suite, methods: list[str], pairs, seeds: list[int], argume
     for source, target in pairs:
         for name in methods:
             if name == ORACLE:
-                # The oracle never sees the source, so the first pair with this target serves all of them.
+                # The oracle never uses the source, so the first pair with this target serves all of them.
                 if target in oracle_targets:
                     continue
                 oracle_targets.add(target)
